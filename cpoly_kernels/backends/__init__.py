@@ -1,0 +1,1 @@
+"""Backend implementations; each module registers itself on import."""
