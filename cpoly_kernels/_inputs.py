@@ -111,14 +111,14 @@ def check_inputs(
     if any(shared) and not all(shared):
         missing = [n for n, g in zip(("weights", "lora_A", "lora_B"), shared) if not g]
         raise ValueError(
-            "weights, lora_A, lora_B: the shared bank needs all three, "
+            "weights, lora_A, lora_B: expected all three (the shared bank) or none, "
             f"got None for {', '.join(missing)}"
         )
     excl = [excl_weights is not None, excl_A is not None, excl_B is not None]
     if any(excl) and not all(excl):
         missing = [n for n, g in zip(("excl_weights", "excl_A", "excl_B"), excl) if not g]
         raise ValueError(
-            "excl_weights, excl_A, excl_B: the exclusive bank needs all three, "
+            "excl_weights, excl_A, excl_B: expected all three (the exclusive bank) or none, "
             f"got None for {', '.join(missing)}"
         )
     has_shared, has_excl = all(shared), all(excl)
@@ -141,7 +141,7 @@ def check_inputs(
         if q < 1 or S < 1 or r < 1:
             raise ValueError(f"lora_A: expected [q, S, d_in/q, r] with q, S, r >= 1, got shape {_shape(lora_A)}")
         if d_in % q != 0:
-            raise ValueError(f"x: d_in = {d_in} is not divisible by q = {q} (lora_A.shape[0])")
+            raise ValueError(f"x: expected d_in divisible by q = {q} (lora_A.shape[0]), got d_in = {d_in}")
         _require_shape("lora_A", lora_A, (q, S, d_in // q, r), f"[q, S, d_in/q, r] with d_in = {d_in}")
         if lora_B.shape[0] != q or lora_B.shape[1] != S or lora_B.shape[2] != r:
             raise ValueError(
@@ -165,7 +165,7 @@ def check_inputs(
         if q is None:
             q, r = qe, re
             if d_in % q != 0:
-                raise ValueError(f"x: d_in = {d_in} is not divisible by q = {q} (excl_A.shape[1])")
+                raise ValueError(f"x: expected d_in divisible by q = {q} (excl_A.shape[1]), got d_in = {d_in}")
         _require_shape("excl_A", excl_A, (T, q, E, d_in // q, r), f"[T, q, E, d_in/q, r] with d_in = {d_in}")
         if d_out is None:
             if excl_B.shape[:4] != (T, q, E, r):

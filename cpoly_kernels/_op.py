@@ -43,7 +43,8 @@ def cpoly_lora_op(
     p = make_problem(x, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, cu_seqlens, base, scale)
     check_values(task_ids, p.sizes.T, cu_seqlens, p.sizes.N)
     impl = get_backend(backend)
-    out, h = impl.forward(p, save_h and impl.saves_h)
+    with torch.autocast(x.device.type, enabled=False):  # the public op already cast the inputs
+        out, h = impl.forward(p, save_h and impl.saves_h)
     if h is None:
         h = _empty(x)
     return out.reshape(p.sizes.out_shape).contiguous(), h
@@ -80,7 +81,8 @@ def cpoly_lora_backward_op(
 ) -> list[Tensor]:
     p = make_problem(x, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, cu_seqlens, None, scale)
     impl = get_backend(backend)
-    grads = impl.backward(p, dy.reshape(p.sizes.N, p.sizes.d_out), h if h.numel() else None, needs)
+    with torch.autocast(x.device.type, enabled=False):
+        grads = impl.backward(p, dy.reshape(p.sizes.N, p.sizes.d_out), h if h.numel() else None, needs)
     out = []
     for name, need, g in zip(GRAD_INPUTS, needs, grads):
         src = getattr(p, name)

@@ -110,10 +110,10 @@ def mix_adjoint(
         W_ex = excl_weights.to(dt)
         onehot_t = torch.nn.functional.one_hot(task, T).to(dt).t()  # [T, b]
         if need_Ae:
-            per_example = torch.einsum("bqe,bqdr->bqedr", W_ex, dA4).reshape(b, -1)
+            per_example = torch.einsum("bqe,bqdr->bqedr", W_ex, dA4).flatten(1)
             dAe = (onehot_t @ per_example).reshape(excl_A.shape).to(excl_A.dtype)
         if need_Be:
-            per_example = torch.einsum("bqe,bqro->bqero", W_ex, dB4).reshape(b, -1)
+            per_example = torch.einsum("bqe,bqro->bqero", W_ex, dB4).flatten(1)
             dBe = (onehot_t @ per_example).reshape(excl_B.shape).to(excl_B.dtype)
     return dw, dA, dB, dwe, dAe, dBe
 
