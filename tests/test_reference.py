@@ -3,6 +3,8 @@ for every variant and layout, outputs and every gradient; gradcheck of the
 reference and of the public op's reference backend (its backward is written
 out, not autograd)."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import cpoly_kernels as ck
@@ -61,7 +63,11 @@ def naive_cpoly(case: dict) -> torch.Tensor:
         A_i = torch.cat(a_blocks, dim=0)  # d_in x r: blocks stacked along d_in
         B_i = torch.cat(b_blocks, dim=1)  # r x d_out: blocks side by side
         outs.append(scale * (xi @ A_i) @ B_i)
-    out = torch.cat(outs, 0) if packed else torch.stack(outs, 0)
+    d_out = q * (B if B is not None else Be).shape[-1]
+    if not outs:
+        out = x.new_zeros(x.shape[:-1] + (d_out,))
+    else:
+        out = torch.cat(outs, 0) if packed else torch.stack(outs, 0)
     if f64.get("base") is not None:
         out = out + f64["base"]
     return out
@@ -148,3 +154,29 @@ def test_mixing_is_on_parameters_not_outputs():
     r = A.shape[-1]
     output_level = sum(W[:, 0, s, None, None] * ((x @ A[0, s]) @ B[0, s]) for s in range(3)) / r
     assert not torch.allclose(out, output_level, rtol=1e-3, atol=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    q=st.sampled_from([1, 2, 3]),
+    dq=st.integers(1, 5),
+    oq=st.integers(1, 5),
+    r=st.integers(1, 5),
+    S=st.integers(0, 4),
+    E=st.integers(0, 2),
+    T=st.integers(1, 4),
+    lengths=st.one_of(st.none(), st.lists(st.integers(0, 4), min_size=0, max_size=5)),
+    b=st.integers(0, 3),
+    L=st.integers(0, 3),
+    with_base=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_matches_naive_loop_on_random_shapes(q, dq, oq, r, S, E, T, lengths, b, L, with_base, seed):
+    if S == 0 and E == 0:
+        S = 1
+    case = make_case(b=b, L=L, lengths=lengths, d_in=q * dq, d_out=q * oq, q=q, r=r, S=S, E=E, T=T,
+                     base=with_base, dtype=torch.float64, seed=seed)
+    out, _ = run(ck.reference.cpoly_lora, case)
+    torch.testing.assert_close(out, naive_cpoly(case), rtol=1e-12, atol=1e-12)
+    out_op, _ = run(ck.cpoly_lora, case)
+    torch.testing.assert_close(out_op, out, rtol=0, atol=0)
