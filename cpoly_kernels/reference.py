@@ -143,17 +143,26 @@ def grad_rows(
     ct = compute_dtype(x.dtype)
     A_i, B_i = mix_adapters(sizes, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, ct)
     xc, dyc = x.to(ct), dy.to(ct)
-    dx = torch.empty(sizes.N, sizes.d_in, dtype=ct, device=x.device)
-    dA_i = torch.empty(sizes.b, sizes.d_in, sizes.r, dtype=ct, device=x.device)
-    dB_i = torch.empty(sizes.b, sizes.r, sizes.d_out, dtype=ct, device=x.device)
-    bounds = cu_seqlens.tolist()
-    for i in range(sizes.b):
-        rows = slice(bounds[i], bounds[i + 1])
-        g = scale * dyc[rows] @ B_i[i].t()
-        h = xc[rows] @ A_i[i]
-        dx[rows] = g @ A_i[i].t()
-        dA_i[i] = xc[rows].t() @ g
-        dB_i[i] = scale * h.t() @ dyc[rows]
+    if sizes.L is not None:  # padded: all examples at once
+        xb = xc.reshape(sizes.b, sizes.L, sizes.d_in)
+        dyb = dyc.reshape(sizes.b, sizes.L, sizes.d_out)
+        g = scale * torch.bmm(dyb, B_i.transpose(1, 2))
+        h = torch.bmm(xb, A_i)
+        dx = torch.bmm(g, A_i.transpose(1, 2)).reshape(sizes.N, sizes.d_in)
+        dA_i = torch.bmm(xb.transpose(1, 2), g)
+        dB_i = scale * torch.bmm(h.transpose(1, 2), dyb)
+    else:
+        dx = torch.empty(sizes.N, sizes.d_in, dtype=ct, device=x.device)
+        dA_i = torch.empty(sizes.b, sizes.d_in, sizes.r, dtype=ct, device=x.device)
+        dB_i = torch.empty(sizes.b, sizes.r, sizes.d_out, dtype=ct, device=x.device)
+        bounds = cu_seqlens.tolist()
+        for i in range(sizes.b):
+            rows = slice(bounds[i], bounds[i + 1])
+            g = scale * dyc[rows] @ B_i[i].t()
+            h = xc[rows] @ A_i[i]
+            dx[rows] = g @ A_i[i].t()
+            dA_i[i] = xc[rows].t() @ g
+            dB_i[i] = scale * h.t() @ dyc[rows]
     param_grads = mix_adjoint(
         sizes, dA_i, dB_i, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, needs[1:]
     )
