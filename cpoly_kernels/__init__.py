@@ -7,9 +7,9 @@ See OP_SPEC §6 for the contract, `ck.reference.cpoly_lora` for the ground
 truth and `ck.backends()` for which backends this process can use.
 """
 from . import modules, peft, reference
-from ._op import cpoly_lora
-from .backends import reference as _reference_backend  # noqa: F401  (registers "reference")
+from ._backends import cuda as _cuda, reference as _reference, triton as _triton  # noqa: F401  (register)
 from ._dispatch import backends
+from ._op import cpoly_lora
 
 __all__ = ["cpoly_lora", "backends", "reference", "modules", "peft"]
 __version__ = "0.1.0"

@@ -5,9 +5,10 @@ Triton and CUDA backends register themselves with `register_backend` when
 the package is imported, and the public op never changes when one is added.
 
 Picking: a `backend=` other than "auto" wins; else the environment variable
-`CPOLY_BACKEND` (read at each call); else "auto", which takes the first
-backend of `AUTO_ORDER` that is available and supports the call (device,
-dtype), and the reference otherwise.
+`CPOLY_BACKEND` (read at each call); else "auto", which for tensors on a GPU
+takes the first backend of `AUTO_ORDER` that is available and supports the
+call (dtype, sizes), and the reference otherwise (CPU tensors included, even
+when the Triton interpreter is enabled).
 """
 from __future__ import annotations
 
@@ -83,10 +84,11 @@ def resolve_backend(requested: str, sizes: Sizes, device: torch.device, dtype: t
     if name not in choices:
         raise ValueError(f"{source}: expected one of {', '.join(repr(c) for c in choices)}, got {name!r}")
     if name == "auto":
-        for cand in AUTO_ORDER:
-            b = _REGISTRY.get(cand)
-            if b is not None and b.unavailable() is None and b.unsupported(sizes, device, dtype) is None:
-                return cand
+        if device.type == "cuda":  # the kernels only for GPU tensors; never the interpreter
+            for cand in AUTO_ORDER:
+                b = _REGISTRY.get(cand)
+                if b is not None and b.unavailable() is None and b.unsupported(sizes, device, dtype) is None:
+                    return cand
         return "reference"
     b = _REGISTRY.get(name)
     reason = "not registered" if b is None else b.unavailable()

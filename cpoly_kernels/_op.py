@@ -6,7 +6,7 @@ fake (meta) implementation and the forward with autograd, so that
 The forward op returns (out, h): h is what the chosen backend saves for its
 backward (the float32 rank-space activations `[N, r]`), or an empty tensor.
 The backward op returns the seven gradients in the order of
-`backends.reference.GRAD_INPUTS`; one that is not wanted is an empty tensor.
+`_backends.reference.GRAD_INPUTS`; one that is not wanted is an empty tensor.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._dispatch import get_backend, resolve_backend
 from ._inputs import check_inputs, check_values, make_problem
-from .backends.reference import GRAD_INPUTS
+from ._backends.reference import GRAD_INPUTS
 
 
 def _empty(like: Tensor) -> Tensor:

@@ -1,0 +1,190 @@
+"""Host side of the Triton backend: tile map, block sizes, launches, and the
+parameter-space steps in PyTorch.  Imported only when Triton is importable.
+
+Nothing here reads device data on the host: sizes come from shapes, the tile
+map is built with device ops (cumsum, searchsorted) and sized by a host-known
+upper bound, so the op never synchronises and can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+from torch import Tensor
+
+from ..._inputs import Problem, Sizes
+from ...reference import mix_adapters, mix_adjoint
+from . import kernels
+
+SUM_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Compile-time tile sizes: BM token rows, BK over d_in, BN over d_out, R_PAD >= rank."""
+
+    BM: int
+    BK: int
+    BN: int
+    R_PAD: int
+    num_warps: int
+
+
+def choose_blocks(sizes: Sizes) -> Blocks:
+    """One configuration per shape (no autotuning, which the interpreter cannot run).
+
+    R_PAD >= 16 keeps every tl.dot at M, N, K >= 16.  Larger ranks get smaller
+    d blocks so the per-program tiles (x/dy [BM, BK], adapter [BK, R_PAD], g
+    and h [BM, R_PAD]) stay in registers.  BM = 128 for small ranks halves the
+    number of per-tile partial gradients (memory and traffic) against 64.
+    Untuned: no GPU was available when this was written.
+    """
+    r_pad = max(16, triton.next_power_of_2(sizes.r))
+    bm = 128 if r_pad <= 32 else 64
+    cap = 64 if r_pad <= 64 else 32
+    bk = min(cap, max(16, triton.next_power_of_2(sizes.d_in)))
+    bn = min(cap, max(16, triton.next_power_of_2(sizes.d_out)))
+    big = bm * max(bk, bn) >= 8192 or r_pad >= 128
+    return Blocks(BM=bm, BK=bk, BN=bn, R_PAD=r_pad, num_warps=8 if big else 4)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs: exact fp32 products ("ieee"), as torch's default matmul.
+
+    float16/bfloat16 inputs: "tf32".  Their values are exact in tf32 (10-bit
+    mantissa >= fp16's 10 and bf16's 7), so only the float32 intermediates (the
+    mixed adapters, h and g) are rounded to 10 bits, and accumulation stays fp32.
+    """
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class TileMap:
+    """Segment-aligned token tiles, on the device.
+
+    `tile_seg[t]`: example of tile t, -1 past the real tile count;
+    `tile_row[t]`: its first row; `seg_tile_start/end[i]`: tiles of example i.
+    `count` is the host-known upper bound cdiv(N, BM) + min(b, N) on the
+    number of tiles (the grid size): each non-empty segment adds at most one
+    partial tile.
+    """
+
+    tile_seg: Tensor
+    tile_row: Tensor
+    seg_tile_start: Tensor
+    seg_tile_end: Tensor
+    count: int
+
+
+def tile_map(cu_seqlens: Tensor, sizes: Sizes, bm: int) -> TileMap:
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    tiles = (lengths + (bm - 1)) // bm
+    seg_end = torch.cumsum(tiles, 0)
+    seg_start = seg_end - tiles
+    count = triton.cdiv(sizes.N, bm) + min(sizes.b, sizes.N)
+    tile = torch.arange(count, device=cu.device, dtype=torch.int64)
+    seg = torch.searchsorted(seg_end, tile, right=True)
+    real = seg < sizes.b
+    seg_c = seg.clamp(max=sizes.b - 1)
+    row = cu[seg_c] + (tile - seg_start[seg_c]) * bm
+    return TileMap(
+        tile_seg=torch.where(real, seg, -1).to(torch.int32),
+        tile_row=row,
+        seg_tile_start=seg_start.to(torch.int32),
+        seg_tile_end=seg_end.to(torch.int32),
+        count=count,
+    )
+
+
+def _adapters(p: Problem) -> tuple[Tensor, Tensor]:
+    """A_i `[b, d_in, r]`, B_i `[b, r, d_out]`, float32 contiguous: built once per example."""
+    A_i, B_i = mix_adapters(
+        p.sizes, p.weights, p.lora_A, p.lora_B, p.task_ids, p.excl_weights, p.excl_A, p.excl_B, torch.float32
+    )
+    return A_i.contiguous(), B_i.contiguous()
+
+
+def _launch_forward(p: Problem, A_i: Tensor, B_i: Tensor, tm: TileMap, blk: Blocks,
+                    out: Optional[Tensor], h: Optional[Tensor]) -> None:
+    """out (when given) = base + scale * (x A_i) B_i and h (when given) = x A_i, per tile.
+
+    A pointer whose constexpr switch is off is never dereferenced; A_i stands in for it.
+    """
+    s = p.sizes
+    base = p.base
+    kernels.forward_kernel[(tm.count,)](
+        p.x, A_i, B_i,
+        A_i if base is None else base, A_i if out is None else out, A_i if h is None else h,
+        tm.tile_seg, tm.tile_row, p.cu_seqlens,
+        s.d_in, s.d_out, s.r, p.scale,
+        p.x.stride(0), p.x.stride(1),
+        0 if base is None else base.stride(0), 0 if base is None else base.stride(1),
+        HAS_BASE=base is not None, SAVE_H=h is not None, WRITE_OUT=out is not None,
+        BM=blk.BM, BK=blk.BK, BN=blk.BN, R_PAD=blk.R_PAD,
+        PRECISION=dot_precision(p.dtype), num_warps=blk.num_warps,
+    )
+
+
+def forward(p: Problem, save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
+    s = p.sizes
+    out = torch.empty(s.N, s.d_out, dtype=p.dtype, device=p.device)
+    h = torch.empty(s.N, s.r, dtype=torch.float32, device=p.device) if save_h else None
+    if s.N == 0:
+        return out, h
+    blk = choose_blocks(s)
+    A_i, B_i = _adapters(p)
+    _launch_forward(p, A_i, B_i, tile_map(p.cu_seqlens, s, blk.BM), blk, out, h)
+    return out, h
+
+
+def backward(p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+    s = p.sizes
+    need_x, need_w, need_A, need_B, need_we, need_Ae, need_Be = needs
+    shared, excl = p.weights is not None, p.excl_weights is not None
+    need_dA = (shared and (need_w or need_A)) or (excl and (need_we or need_Ae))
+    need_dB = (shared and (need_w or need_B)) or (excl and (need_we or need_Be))
+    dx = torch.empty(s.N, s.d_in, dtype=p.dtype, device=p.device) if need_x else None
+    a_width = s.d_in * s.r if need_dA else 0
+    b_width = s.r * s.d_out if need_dB else 0
+    width = a_width + b_width
+    launch = s.N > 0 and (need_x or width > 0)
+    # Every column is written by segment_sum_kernel when it runs; without tokens the gradients are 0.
+    per_example = (torch.empty if launch and width > 0 else torch.zeros)(
+        s.b, width, dtype=torch.float32, device=p.device
+    )
+
+    if launch:
+        blk = choose_blocks(s)
+        tm = tile_map(p.cu_seqlens, s, blk.BM)
+        A_i, B_i = _adapters(p)
+        if need_dB and h is None:
+            h = torch.empty(s.N, s.r, dtype=torch.float32, device=p.device)
+            _launch_forward(p, A_i, B_i, tm, blk, None, h)
+        part = torch.empty(tm.count, width, dtype=torch.float32, device=p.device) if width > 0 else None
+        # A pointer whose constexpr switch is off is never dereferenced; A_i stands in for it.
+        kernels.backward_kernel[(tm.count,)](
+            p.x, dy, A_i if h is None else h, A_i, B_i,
+            A_i if dx is None else dx, A_i if part is None else part,
+            tm.tile_seg, tm.tile_row, p.cu_seqlens,
+            s.d_in, s.d_out, s.r, p.scale,
+            p.x.stride(0), p.x.stride(1), dy.stride(0), dy.stride(1),
+            width, 0, a_width,
+            NEED_DX=need_x, NEED_DA=need_dA, NEED_DB=need_dB, NEED_G=need_x or need_dA,
+            BM=blk.BM, BK=blk.BK, BN=blk.BN, R_PAD=blk.R_PAD,
+            PRECISION=dot_precision(p.dtype), num_warps=blk.num_warps,
+        )
+        if width > 0:
+            kernels.segment_sum_kernel[(s.b, triton.cdiv(width, SUM_BLOCK))](
+                part, per_example, tm.seg_tile_start, tm.seg_tile_end, width, BLOCK=SUM_BLOCK,
+            )
+
+    unused = torch.zeros((), dtype=torch.float32, device=p.device)
+    dA_i = per_example[:, :a_width].view(s.b, s.d_in, s.r) if need_dA else unused.expand(s.b, s.d_in, s.r)
+    dB_i = per_example[:, a_width:].view(s.b, s.r, s.d_out) if need_dB else unused.expand(s.b, s.r, s.d_out)
+    params = mix_adjoint(
+        s, dA_i, dB_i, p.weights, p.lora_A, p.lora_B, p.task_ids, p.excl_weights, p.excl_A, p.excl_B, needs[1:]
+    )
+    return (dx,) + params
