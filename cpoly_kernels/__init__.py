@@ -8,8 +8,8 @@ truth and `ck.backends()` for which backends this process can use.
 """
 from . import modules, peft, reference
 from ._backends import cuda as _cuda, reference as _reference, triton as _triton  # noqa: F401  (register)
-from ._dispatch import backends
+from ._dispatch import BackendUnavailable, backends
 from ._op import cpoly_lora
 
-__all__ = ["cpoly_lora", "backends", "reference", "modules", "peft"]
+__all__ = ["cpoly_lora", "backends", "BackendUnavailable", "reference", "modules", "peft"]
 __version__ = "0.1.0"

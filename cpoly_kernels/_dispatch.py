@@ -50,6 +50,14 @@ class Backend(Protocol):
         """
 
 
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run a call; `reason` says why."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 _REGISTRY: dict[str, Backend] = {}
 
 
@@ -93,8 +101,8 @@ def resolve_backend(requested: str, sizes: Sizes, device: torch.device, dtype: t
     b = _REGISTRY.get(name)
     reason = "not registered" if b is None else b.unavailable()
     if reason is not None:
-        raise RuntimeError(f"{source}: backend {name!r} is unavailable: {reason}")
+        raise BackendUnavailable(f"{source}: backend {name!r} is unavailable: {reason}", reason)
     reason = b.unsupported(sizes, device, dtype)
     if reason is not None:
-        raise RuntimeError(f"{source}: backend {name!r} cannot run this call: {reason}")
+        raise BackendUnavailable(f"{source}: backend {name!r} cannot run this call: {reason}", reason)
     return name

@@ -108,8 +108,9 @@ def test_unusable_backend_says_why(backend):
     """On this CPU tensor the GPU backends cannot run; the error says why."""
     args, kwargs = split_args(_base_case())
     report = ck.backends()[backend]
-    with pytest.raises(RuntimeError, match=f"backend '{backend}' (is unavailable|cannot run this call): .+"):
+    with pytest.raises(ck.BackendUnavailable, match=f"backend '{backend}' (is unavailable|cannot run this call): .+") as info:
         ck.cpoly_lora(*args, **kwargs, backend=backend)
+    assert info.value.reason and info.value.reason in str(info.value)
     if not report["available"]:
         assert report["reason"]
 
