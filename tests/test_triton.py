@@ -266,6 +266,20 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_opcheck_on_the_triton_backend():
+    """The custom ops' schema, fake kernels and autograd with backend "triton"."""
+    from torch.library import opcheck
+
+    c = make_case(S=2, E=1, q=2, lengths=[3, 0, 6], base=True, device=DEVICE, requires_grad=True)
+    fwd_args = (c["x"], c["weights"], c["lora_A"], c["lora_B"], c["task_ids"], c["excl_weights"], c["excl_A"],
+                c["excl_B"], c["cu_seqlens"], c["base"], 0.3, "triton", True)
+    opcheck(torch.ops.cpoly.cpoly_lora.default, fwd_args)
+    out, h = torch.ops.cpoly.cpoly_lora(*fwd_args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args[:9])
+    bwd_args = (torch.randn_like(out),) + detached + (h.detach(), 0.3, "triton", [True] * 7)
+    opcheck(torch.ops.cpoly.cpoly_lora_backward.default, bwd_args)
+
+
 class _RecordLaunch:
     """Stands in for a Triton kernel: records the grid, launches nothing."""
 
