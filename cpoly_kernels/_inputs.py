@@ -255,8 +255,8 @@ class Problem:
     """One call, normalised for the backends.
 
     x is `[N, d_in]` (a view of the caller's x when possible, any strides);
-    `cu_seqlens` is `[b+1]` int on x's device, built as `arange(b+1) * L` for the
-    padded layout; `base` is `[N, d_out]` or None.  Banks and weights are the
+    `cu_seqlens` is `[b+1]` contiguous int64 on x's device, built as
+    `arange(b+1) * L` for the padded layout; `base` is `[N, d_out]` or None.  Banks and weights are the
     caller's tensors, any strides.  `scale` is resolved (1/r by default).
     """
 
@@ -293,8 +293,8 @@ def make_problem(
     )
     if cu_seqlens is None:
         offsets = torch.arange(sizes.b + 1, device=x.device, dtype=torch.int64) * sizes.L
-    else:
-        offsets = cu_seqlens
+    else:  # kernels index it as a flat int64 array
+        offsets = cu_seqlens.to(torch.int64).contiguous()
     return Problem(
         sizes=sizes,
         x=x.reshape(sizes.N, sizes.d_in),

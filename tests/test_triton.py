@@ -209,6 +209,16 @@ def test_backward_without_saved_h():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+def test_strided_int32_cu_seqlens(cu_dtype):
+    """cu_seqlens as a strided view (every other element of a longer tensor), int32 or int64."""
+    case = make_case(S=2, E=1, T=3, lengths=[1, 130, 0, 4], base=True, device=DEVICE, requires_grad=True)
+    dense = case["cu_seqlens"].to(cu_dtype)
+    strided = torch.stack([dense, torch.full_like(dense, 10**6)], 1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, dense)
+    check_parity(dict(case, cu_seqlens=strided))
+
+
 @pytest.mark.parametrize("lengths", [[0, 0], []], ids=["no-tokens", "no-examples"])
 def test_empty_inputs(lengths):
     check_parity(make_case(S=2, E=1, lengths=lengths, base=True, device=DEVICE, requires_grad=True))
