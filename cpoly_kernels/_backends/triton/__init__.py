@@ -40,15 +40,19 @@ Token space (the hot path, Triton, `kernels.py`): the tokens are cut into
   of one long segment share A_i, B_i (L2 hits); short examples read their
   own fp32 adapter per tile (many-short: 64 tokens, r = 16, d = 4096 adds
   about half the forward's bytes), still far less than mixing inside the
-  kernels, which would re-read S bank tiles per token tile.  The partials
-  also take 4 r (d_in + d_out) (N / BM + b) bytes of memory during the
-  backward (75 MB at N = 16384, r = 16, d = 4096 -> 4096).  The parameter
+  kernels, which would re-read S bank tiles per token tile.  The tile of a
+  one-tile segment writes its example's dA_i, dB_i directly; only segments
+  of two or more tiles leave partials to sum, so the backward holds
+  4 r (d_in + d_out) (b + slots) bytes, slots <= cdiv(N, BM) + N // (BM + 1)
+  (none for padded input with L <= BM): 84 MB at 16 x 1024 tokens, r = 16,
+  d = 4096 -> 4096; 268 MB for 256 x 64 packed (134 MB padded).  The parameter
   space (mix_adapters, the excl_A[task_ids] gather, mix_adjoint) is
   parameter-sized PyTorch work: a few small launches per call.
 
 Numerics: activations are loaded in their dtype and converted to fp32; all
 products accumulate in fp32; float32 inputs use exact fp32 dots ("ieee"),
-fp16/bf16 inputs use tf32 dots (their values are exact in tf32).  Every
+bf16 inputs use tf32 dots (their values are exact in tf32), fp16 inputs
+tf32x3 dots (`config.dot_precision`).  Every
 row-index x stride product is int64.  Strides are passed explicitly (views,
 transposes, stride-0 gradients).  Rank is padded to R_PAD = max(16,
 next_pow2(r)) with masks (ranks 1..128); d_in, d_out are any size (masked
@@ -58,10 +62,11 @@ Where it runs: CUDA tensors; CPU tensors only under the Triton interpreter
 (TRITON_INTERPRET=1 at the call, and at the first call, which defines the
 kernels).  Importing this
 package never fails: without Triton, `unavailable()` says why.  Block sizes
-(`ops.choose_blocks`) are one untuned configuration per shape.
+(`config.choose_blocks`) are one untuned configuration per shape.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -113,19 +118,29 @@ class TritonBackend:
             return _interpreter_problem()
         if device.type != "cuda":
             return f"device type {device.type!r} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
+        kernels = sys.modules.get(f"{__name__}.kernels")
+        if (kernels.INTERPRETED if kernels is not None else _interpreter_problem() is None):
+            return "TRITON_INTERPRET=1: the kernels would run in the CPU interpreter, not on the GPU"
         return None
 
     def forward(self, p: Problem, save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
         from . import ops
 
-        return ops.forward(p, save_h)
+        with _on_device(p.device):
+            return ops.forward(p, save_h)
 
     def backward(
         self, p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool]
     ) -> tuple[Optional[Tensor], ...]:
         from . import ops
 
-        return ops.backward(p, dy, h, needs)
+        with _on_device(p.device):
+            return ops.backward(p, dy, h, needs)
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device and its current stream: make it x's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 register_backend(TritonBackend())

@@ -94,7 +94,7 @@ def forward_kernel(
 @triton.jit
 def backward_kernel(
     x_ptr, dy_ptr, h_ptr, a_ptr, b_ptr, dx_ptr, part_ptr,
-    tile_seg_ptr, tile_row_ptr, cu_ptr,
+    tile_seg_ptr, tile_row_ptr, cu_ptr, tile_slot_ptr, n_seg,
     d_in, d_out, r, scale,
     stride_xm, stride_xk, stride_dym, stride_dyn,
     part_width, part_a_off, part_b_off,
@@ -108,16 +108,20 @@ def backward_kernel(
     blocks: read dy once; g += dy @ B_i^T and (NEED_DB) the
     tile's partial dB_i = scale * h^T dy.  Then loop over d_in blocks with g
     = scale * dy B_i^T in registers: dx = g @ A_i^T (NEED_DX) and (NEED_DA)
-    the tile's partial dA_i = x^T g, x read once.  Partials go to row `pid`
-    of `part` (float32 `[tiles, part_width]`: dA_i as `[d_in, r]` at
-    part_a_off, dB_i as `[r, d_out]` at part_b_off) and are summed per
-    segment, in tile order, by `segment_sum_kernel`.
+    the tile's partial dA_i = x^T g, x read once.  Partials are float32 rows
+    of `part` (`[b + slots, part_width]`: dA_i as `[d_in, r]` at part_a_off,
+    dB_i as `[r, d_out]` at part_b_off).  The tile of a one-tile segment
+    writes its example's row `seg` directly (its final value); a tile of a
+    longer segment writes row `n_seg + tile_slot[pid]`, and
+    `segment_sum_kernel` sums those per segment in tile order.
     """
     seg, rows, row_mask = _tile(tile_seg_ptr, tile_row_ptr, cu_ptr, BM)
     if seg < 0:
         return
     seg64 = seg.to(tl.int64)
-    part_row = part_ptr + tl.program_id(0).to(tl.int64) * part_width
+    slot = tl.load(tile_slot_ptr + tl.program_id(0))
+    dest = tl.where(slot < 0, seg64, n_seg + slot.to(tl.int64))
+    part_row = part_ptr + dest * part_width
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < r
     a_base = a_ptr + seg64 * d_in * r
@@ -174,22 +178,26 @@ def backward_kernel(
 
 
 @triton.jit
-def segment_sum_kernel(part_ptr, out_ptr, seg_tile_start_ptr, seg_tile_end_ptr, width, BLOCK: tl.constexpr):
-    """out[seg, :] = sum of part[t, :] over the segment's tiles, in tile order (deterministic).
+def segment_sum_kernel(part_ptr, seg_slot_start_ptr, seg_tiles_ptr, n_seg, width, BLOCK: tl.constexpr):
+    """part[seg, :] = sum of the segment's tile partials (rows n_seg + slot), in tile order.
 
-    Grid (segments, cdiv(width, BLOCK)); a segment without tokens gets zeros.
+    Grid (segments, cdiv(width, BLOCK)).  A one-tile segment's row was written
+    by its tile and is left alone; a segment without tokens gets zeros.
+    Deterministic: a fixed order, no atomics.
     """
     seg = tl.program_id(0)
+    n_tiles = tl.load(seg_tiles_ptr + seg)
+    if n_tiles == 1:
+        return
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < width
-    t_start = tl.load(seg_tile_start_ptr + seg)
-    t_end = tl.load(seg_tile_end_ptr + seg)
+    first = tl.load(seg_slot_start_ptr + seg).to(tl.int64) + n_seg
     acc = tl.full((BLOCK,), 0.0, tl.float32)
-    ptrs = part_ptr + t_start.to(tl.int64) * width + offs
-    for _ in range(t_start, t_end):
+    ptrs = part_ptr + first * width + offs
+    for _ in range(0, n_tiles):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += width
-    tl.store(out_ptr + seg.to(tl.int64) * width + offs, acc, mask=mask)
+    tl.store(part_ptr + seg.to(tl.int64) * width + offs, acc, mask=mask)
 
 
 #: True when these kernels were defined for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).

@@ -17,47 +17,7 @@ from torch import Tensor
 from ..._inputs import Problem, Sizes
 from ...reference import mix_adapters, mix_adjoint
 from . import kernels
-
-SUM_BLOCK = 1024
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Compile-time tile sizes: BM token rows, BK over d_in, BN over d_out, R_PAD >= rank."""
-
-    BM: int
-    BK: int
-    BN: int
-    R_PAD: int
-    num_warps: int
-
-
-def choose_blocks(sizes: Sizes) -> Blocks:
-    """One configuration per shape (no autotuning, which the interpreter cannot run).
-
-    R_PAD >= 16 keeps every tl.dot at M, N, K >= 16.  Larger ranks get smaller
-    d blocks so the per-program tiles (x/dy [BM, BK], adapter [BK, R_PAD], g
-    and h [BM, R_PAD]) stay in registers.  BM = 128 for small ranks halves the
-    number of per-tile partial gradients (memory and traffic) against 64.
-    Untuned: no GPU was available when this was written.
-    """
-    r_pad = max(16, triton.next_power_of_2(sizes.r))
-    bm = 128 if r_pad <= 32 else 64
-    cap = 64 if r_pad <= 64 else 32
-    bk = min(cap, max(16, triton.next_power_of_2(sizes.d_in)))
-    bn = min(cap, max(16, triton.next_power_of_2(sizes.d_out)))
-    big = bm * max(bk, bn) >= 8192 or r_pad >= 128
-    return Blocks(BM=bm, BK=bk, BN=bn, R_PAD=r_pad, num_warps=8 if big else 4)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs: exact fp32 products ("ieee"), as torch's default matmul.
-
-    float16/bfloat16 inputs: "tf32".  Their values are exact in tf32 (10-bit
-    mantissa >= fp16's 10 and bf16's 7), so only the float32 intermediates (the
-    mixed adapters, h and g) are rounded to 10 bits, and accumulation stays fp32.
-    """
-    return "ieee" if dtype == torch.float32 else "tf32"
+from .config import SUM_BLOCK, choose_blocks, dot_precision
 
 
 @dataclass(frozen=True)
@@ -65,21 +25,40 @@ class TileMap:
     """Segment-aligned token tiles, on the device.
 
     `tile_seg[t]`: example of tile t, -1 past the real tile count;
-    `tile_row[t]`: its first row; `seg_tile_start/end[i]`: tiles of example i.
-    `count` is the host-known upper bound cdiv(N, BM) + min(b, N) on the
-    number of tiles (the grid size): each non-empty segment adds at most one
-    partial tile.
+    `tile_row[t]`: its first row; `count` is the host-known upper bound
+    cdiv(N, BM) + min(b, N) on the number of tiles (the grid size): each
+    non-empty segment adds at most one partial tile.
+    For the backward's partial gradients: `seg_tiles[i]`, the tiles of
+    example i; `tile_slot[t]`, the slot of tile t among the tiles of segments
+    with two or more tiles (in tile order), -1 for the tile of a one-tile
+    segment (it writes its example's gradient directly); `seg_slot_start[i]`,
+    the first slot of example i; `slots`, a host-known upper bound on the
+    number of slots.
     """
 
     tile_seg: Tensor
     tile_row: Tensor
-    seg_tile_start: Tensor
-    seg_tile_end: Tensor
     count: int
+    seg_tiles: Tensor
+    tile_slot: Tensor
+    seg_slot_start: Tensor
+    slots: int
+
+
+def slot_bound(sizes: Sizes, bm: int, count: int) -> int:
+    """Upper bound on the tiles of multi-tile segments, known on the host.
+
+    Padded: none when L <= BM, else every tile.  Packed: a multi-tile segment
+    has L > BM tokens, so there are at most N // (BM + 1) of them, each with
+    at most one partial tile beyond its N / BM full ones.
+    """
+    if sizes.L is not None:
+        return 0 if sizes.L <= bm else count
+    return min(count, triton.cdiv(sizes.N, bm) + sizes.N // (bm + 1))
 
 
 def tile_map(cu_seqlens: Tensor, sizes: Sizes, bm: int) -> TileMap:
-    cu = cu_seqlens.to(torch.int64)
+    cu = cu_seqlens
     lengths = cu[1:] - cu[:-1]
     tiles = (lengths + (bm - 1)) // bm
     seg_end = torch.cumsum(tiles, 0)
@@ -90,12 +69,17 @@ def tile_map(cu_seqlens: Tensor, sizes: Sizes, bm: int) -> TileMap:
     real = seg < sizes.b
     seg_c = seg.clamp(max=sizes.b - 1)
     row = cu[seg_c] + (tile - seg_start[seg_c]) * bm
+    multi_tiles = torch.where(tiles > 1, tiles, 0)
+    slot_start = torch.cumsum(multi_tiles, 0) - multi_tiles
+    slot = torch.where(real & (tiles[seg_c] > 1), slot_start[seg_c] + tile - seg_start[seg_c], -1)
     return TileMap(
         tile_seg=torch.where(real, seg, -1).to(torch.int32),
         tile_row=row,
-        seg_tile_start=seg_start.to(torch.int32),
-        seg_tile_end=seg_end.to(torch.int32),
         count=count,
+        seg_tiles=tiles.to(torch.int32),
+        tile_slot=slot.to(torch.int32),
+        seg_slot_start=slot_start.to(torch.int32),
+        slots=slot_bound(sizes, bm, count),
     )
 
 
@@ -134,7 +118,7 @@ def forward(p: Problem, save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
     h = torch.empty(s.N, s.r, dtype=torch.float32, device=p.device) if save_h else None
     if s.N == 0:
         return out, h
-    blk = choose_blocks(s)
+    blk = choose_blocks(s, p.dtype)
     A_i, B_i = _adapters(p)
     _launch_forward(p, A_i, B_i, tile_map(p.cu_seqlens, s, blk.BM), blk, out, h)
     return out, h
@@ -151,24 +135,22 @@ def backward(p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool])
     b_width = s.r * s.d_out if need_dB else 0
     width = a_width + b_width
     launch = s.N > 0 and (need_x or width > 0)
-    # Every column is written by segment_sum_kernel when it runs; without tokens the gradients are 0.
-    per_example = (torch.empty if launch and width > 0 else torch.zeros)(
-        s.b, width, dtype=torch.float32, device=p.device
-    )
 
     if launch:
-        blk = choose_blocks(s)
+        blk = choose_blocks(s, p.dtype)
         tm = tile_map(p.cu_seqlens, s, blk.BM)
         A_i, B_i = _adapters(p)
         if need_dB and h is None:
             h = torch.empty(s.N, s.r, dtype=torch.float32, device=p.device)
             _launch_forward(p, A_i, B_i, tm, blk, None, h)
-        part = torch.empty(tm.count, width, dtype=torch.float32, device=p.device) if width > 0 else None
+        # Rows [0, b): each example's dA_i | dB_i (written by its tile or summed
+        # by segment_sum_kernel); rows b + slot: partials of multi-tile segments.
+        part = torch.empty(s.b + tm.slots, width, dtype=torch.float32, device=p.device) if width > 0 else None
         # A pointer whose constexpr switch is off is never dereferenced; A_i stands in for it.
         kernels.backward_kernel[(tm.count,)](
             p.x, dy, A_i if h is None else h, A_i, B_i,
             A_i if dx is None else dx, A_i if part is None else part,
-            tm.tile_seg, tm.tile_row, p.cu_seqlens,
+            tm.tile_seg, tm.tile_row, p.cu_seqlens, tm.tile_slot, s.b,
             s.d_in, s.d_out, s.r, p.scale,
             p.x.stride(0), p.x.stride(1), dy.stride(0), dy.stride(1),
             width, 0, a_width,
@@ -178,8 +160,12 @@ def backward(p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool])
         )
         if width > 0:
             kernels.segment_sum_kernel[(s.b, triton.cdiv(width, SUM_BLOCK))](
-                part, per_example, tm.seg_tile_start, tm.seg_tile_end, width, BLOCK=SUM_BLOCK,
+                part, tm.seg_slot_start, tm.seg_tiles, s.b, width, BLOCK=SUM_BLOCK,
             )
+            per_example = part[: s.b]
+    if not launch or width == 0:
+        # Without tokens the gradients are 0.
+        per_example = torch.zeros(s.b, width, dtype=torch.float32, device=p.device)
 
     unused = torch.zeros((), dtype=torch.float32, device=p.device)
     dA_i = per_example[:, :a_width].view(s.b, s.d_in, s.r) if need_dA else unused.expand(s.b, s.d_in, s.r)
