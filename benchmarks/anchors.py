@@ -5,7 +5,7 @@
   `torch.compile(eager_reference)` is the compile anchor.
 - `dense_lora`: one plain LoRA `(x @ A) @ B * scale` on the same x, one adapter
   for everyone.
-- `peft_layers`: PEFT's real Poly layer (`peft.tuners.poly.layer.Linear`) on an
+- `peft_layer`: PEFT's real Poly layer (`peft.tuners.poly.layer.Linear`) on an
   `nn.Linear`, with the case's shared bank (it has no exclusive bank); its time
   is taken minus the time of that base linear alone.
 """

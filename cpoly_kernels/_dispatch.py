@@ -2,10 +2,12 @@
 
 A backend is an object with a name and four methods (see `Backend`); the
 Triton and CUDA backends register themselves with `register_backend` when
-the package is imported, and the public op never changes when one is added.
+the package is imported, and the public op does not change when one is
+added (a new name joins `AUTO_ORDER`).
 
 Picking: a `backend=` other than "auto" wins; else the environment variable
-`CPOLY_BACKEND` (read at each call); else "auto", which for tensors on a GPU
+`CPOLY_BACKEND` (read at each eager call; a torch.compile'd graph keeps the
+choice it was traced with); else "auto", which for tensors on a GPU
 takes the first backend of `AUTO_ORDER` that is available and supports the
 call (dtype, sizes), and the reference otherwise (CPU tensors included, even
 when the Triton interpreter is enabled).

@@ -64,6 +64,10 @@ class Sizes:
     E: int  # exclusive skills per task (0: no exclusive bank)
     T: int  # tasks of the exclusive bank (0: no exclusive bank)
 
+    def scale(self, scale: Optional[Real]) -> float:
+        """The scale of a call: `scale` as given, 1/r by default."""
+        return 1.0 / self.r if scale is None else float(scale)
+
     @property
     def out_shape(self) -> tuple:
         if self.L is None:
@@ -106,6 +110,7 @@ def check_inputs(
             raise ValueError("cu_seqlens: expected shape [b+1] with b >= 0, got shape (0,)")
         N, d_in = x.shape
         b, L = cu_seqlens.shape[0] - 1, None
+    b_is = f"b = {b} from x.shape[0]" if cu_seqlens is None else f"b = {b} from len(cu_seqlens) - 1"
 
     shared = [weights is not None, lora_A is not None, lora_B is not None]
     if any(shared) and not all(shared):
@@ -151,7 +156,7 @@ def check_inputs(
         d_out = q * lora_B.shape[3]
         if d_out < 1:
             raise ValueError(f"lora_B: expected d_out/q >= 1, got shape {_shape(lora_B)}")
-        _require_shape("weights", weights, (b, q, S), "[b, q, S]")
+        _require_shape("weights", weights, (b, q, S), f"[b, q, S] with {b_is}")
     if has_excl:
         for name, t in (("excl_weights", excl_weights), ("excl_A", excl_A), ("excl_B", excl_B)):
             _require_tensor(name, t, floating=True)
@@ -176,10 +181,10 @@ def check_inputs(
             if d_out < 1:
                 raise ValueError(f"excl_B: expected d_out/q >= 1, got shape {_shape(excl_B)}")
         _require_shape("excl_B", excl_B, (T, q, E, r, d_out // q), "[T, q, E, r, d_out/q]")
-        _require_shape("excl_weights", excl_weights, (b, q, E), "[b, q, E]")
+        _require_shape("excl_weights", excl_weights, (b, q, E), f"[b, q, E] with {b_is}")
     if task_ids is not None:
         _require_tensor("task_ids", task_ids, floating=False)
-        _require_shape("task_ids", task_ids, (b,), "[b], one task per example")
+        _require_shape("task_ids", task_ids, (b,), f"[b], one task per example, {b_is}")
 
     sizes = Sizes(b=b, N=N, L=L, d_in=d_in, d_out=d_out, q=q, r=r, S=S, E=E, T=T)
     if base is not None:
@@ -247,7 +252,9 @@ def check_values(task_ids: Optional[Tensor], T: int, cu_seqlens: Optional[Tensor
             if not bool(ok):
                 raise ValueError(message())
         else:
-            torch._assert_async(ok, "cpoly_lora: invalid task_ids or cu_seqlens (out of range or not increasing)")
+            torch._assert_async(
+                ok, f"cpoly_lora: task_ids must lie in [0, {T}) and cu_seqlens must rise from 0 to N = {N}"
+            )
 
 
 @dataclass
@@ -307,5 +314,5 @@ def make_problem(
         excl_A=excl_A,
         excl_B=excl_B,
         base=None if base is None else base.reshape(sizes.N, sizes.d_out),
-        scale=float(1.0 / sizes.r if scale is None else scale),
+        scale=sizes.scale(scale),
     )

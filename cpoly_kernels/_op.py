@@ -163,9 +163,15 @@ def cpoly_lora(
     the shared bank (or all None).  task_ids `[b]`, excl_weights `[b, q, E]`,
     excl_A `[T, q, E, d_in/q, r]`, excl_B `[T, q, E, r, d_out/q]`: the
     exclusive bank (or all None).  scale defaults to 1/r.  Returns x's shape
-    with d_out last, in x's dtype.  backend: "auto", "reference", "triton" or
-    "cuda" (the environment variable CPOLY_BACKEND applies when "auto").
-    See OP_SPEC §2 for the math and §6 for the contract.
+    with d_out last, in x's dtype; under autocast every floating input, base
+    included, is first cast to the autocast dtype, which the result then has.
+    backend: "auto", "reference", "triton" or "cuda" (the environment variable
+    CPOLY_BACKEND applies when "auto").  Bad shapes, dtypes and devices raise
+    a ValueError or TypeError naming the argument; out-of-range task_ids or a
+    bad cu_seqlens raise a ValueError for CPU tensors and trip a device-side
+    assert for GPU tensors (no host synchronisation; it surfaces as a CUDA
+    error at the next synchronising call).  See OP_SPEC §2 for the math and
+    §6 for the contract.
     """
     if isinstance(x, Tensor):
         cast = _autocast(
@@ -180,7 +186,7 @@ def cpoly_lora(
         excl_A=excl_A, excl_B=excl_B, scale=scale, cu_seqlens=cu_seqlens, base=base,
     )
     name = resolve_backend(backend, sizes, x.device, x.dtype)
-    s = 1.0 / sizes.r if scale is None else float(scale)
+    s = sizes.scale(scale)
     save_h = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, weights, lora_A, lora_B, excl_weights, excl_A, excl_B)

@@ -237,6 +237,6 @@ def cpoly_lora(
         cu_seqlens,
         weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B,
         None if base is None else base.reshape(sizes.N, sizes.d_out),
-        1.0 / sizes.r if scale is None else float(scale),
+        sizes.scale(scale),
     )
     return rows.reshape(sizes.out_shape)

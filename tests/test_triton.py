@@ -3,8 +3,7 @@
 Without a GPU the kernels run in the Triton interpreter on the CPU:
 TRITON_INTERPRET=1 is set around each test by a fixture (the kernels are
 defined at the backend's first call, under it), and unset outside them so
-that other test modules still see "auto" pick the reference for CPU
-tensors.  bf16 runs in the interpreter too: Triton 3.9's interpreter gets
+that the variable does not leak into other test modules.  bf16 runs in the interpreter too: Triton 3.9's interpreter gets
 bf16 arithmetic wrong, but these kernels convert every load to fp32 before
 any arithmetic and only convert back on store, which it does right.
 

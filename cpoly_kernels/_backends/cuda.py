@@ -126,7 +126,7 @@ class CudaBackend:
         s = p.sizes
         A_i, B_i = _mixed(p)
         x = p.x.contiguous()
-        cu = p.cu_seqlens.to(torch.int64).contiguous()
+        cu = p.cu_seqlens  # contiguous int64 (Problem)
         base = None if p.base is None else p.base.contiguous()
         with torch.cuda.device(x.device):
             stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -144,7 +144,7 @@ class CudaBackend:
         A_i, B_i = _mixed(p)
         x = p.x.contiguous()
         dy = dy.to(x.dtype).contiguous()
-        cu = p.cu_seqlens.to(torch.int64).contiguous()
+        cu = p.cu_seqlens  # contiguous int64 (Problem)
         with torch.cuda.device(x.device):
             stream = torch.cuda.current_stream(x.device).cuda_stream
             g = _project_down(dy, B_i.transpose(1, 2), cu, s, p.scale, stream) if need_x or need_dAi else None

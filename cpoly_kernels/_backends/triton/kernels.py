@@ -97,7 +97,7 @@ def backward_kernel(
     tile_seg_ptr, tile_row_ptr, cu_ptr, tile_slot_ptr, n_seg,
     d_in, d_out, r, scale,
     stride_xm, stride_xk, stride_dym, stride_dyn,
-    part_width, part_a_off, part_b_off,
+    part_width, part_b_off,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, NEED_G: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -109,7 +109,7 @@ def backward_kernel(
     tile's partial dB_i = scale * h^T dy.  Then loop over d_in blocks with g
     = scale * dy B_i^T in registers: dx = g @ A_i^T (NEED_DX) and (NEED_DA)
     the tile's partial dA_i = x^T g, x read once.  Partials are float32 rows
-    of `part` (`[b + slots, part_width]`: dA_i as `[d_in, r]` at part_a_off,
+    of `part` (`[b + slots, part_width]`: dA_i as `[d_in, r]` at offset 0,
     dB_i as `[r, d_out]` at part_b_off).  The tile of a one-tile segment
     writes its example's row `seg` directly (its final value); a tile of a
     longer segment writes row `n_seg + tile_slot[pid]`, and
@@ -172,7 +172,7 @@ def backward_kernel(
                 ).to(tl.float32)
                 da = tl.dot(tl.trans(x), g, input_precision=PRECISION)
                 tl.store(
-                    part_row + part_a_off + cols[:, None] * r + ranks[None, :], da,
+                    part_row + cols[:, None] * r + ranks[None, :], da,
                     mask=col_mask[:, None] & rank_mask[None, :],
                 )
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..._inputs import Problem, Sizes
 from ...reference import mix_adapters, mix_adjoint
 from . import kernels
-from .config import SUM_BLOCK, choose_blocks, dot_precision
+from .config import SUM_BLOCK, Blocks, choose_blocks, dot_precision
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def backward(p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool])
             tm.tile_seg, tm.tile_row, p.cu_seqlens, tm.tile_slot, s.b,
             s.d_in, s.d_out, s.r, p.scale,
             p.x.stride(0), p.x.stride(1), dy.stride(0), dy.stride(1),
-            width, 0, a_width,
+            width, a_width,
             NEED_DX=need_x, NEED_DA=need_dA, NEED_DB=need_dB, NEED_G=need_x or need_dA,
             BM=blk.BM, BK=blk.BK, BN=blk.BN, R_PAD=blk.R_PAD,
             PRECISION=dot_precision(p.dtype), num_warps=blk.num_warps,
