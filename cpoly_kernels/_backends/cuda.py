@@ -1,6 +1,6 @@
 """The CUDA backend: the kernels of csrc/ (extension `cpoly_kernels._C`) stream
-the tokens; the parameter-sized mixing stays in torch (`reference.mix_adapters`
-and `reference.mix_adjoint`, float32, deterministic).
+the tokens; the parameter-sized mixing stays in torch (`mixing.adapters` and
+`mixing.param_grads`, float32, deterministic).
 
     forward   h    = project_down(x, A_i)             h_i = x_i A_i      [N, r] float32, saved
               out  = project_up(h, B_i, base, scale)   base + scale h_i B_i
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._dispatch import register_backend
 from .._inputs import Problem, Sizes
-from ..reference import mix_adapters, mix_adjoint
+from .mixing import adapters, param_grads
 
 try:
     from .. import _C
@@ -91,13 +91,6 @@ def _segment_outer(x: Tensor, v: Tensor, cu: Tensor, s: Sizes, alpha: float, str
     return g
 
 
-def _mixed(p: Problem) -> tuple[Tensor, Tensor]:
-    """Each example's adapter in float32: A_i `[b, d_in, r]`, B_i `[b, r, d_out]`."""
-    return mix_adapters(
-        p.sizes, p.weights, p.lora_A, p.lora_B, p.task_ids, p.excl_weights, p.excl_A, p.excl_B, torch.float32
-    )
-
-
 class CudaBackend:
     name = "cuda"
     saves_h = True
@@ -124,7 +117,7 @@ class CudaBackend:
 
     def forward(self, p: Problem, save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
         s = p.sizes
-        A_i, B_i = _mixed(p)
+        A_i, B_i = adapters(p)
         x = p.x.contiguous()
         cu = p.cu_seqlens  # contiguous int64 (Problem)
         base = None if p.base is None else p.base.contiguous()
@@ -141,7 +134,7 @@ class CudaBackend:
         need_x, need_w, need_A, need_B, need_we, need_Ae, need_Be = needs
         need_dAi = need_w or need_A or need_we or need_Ae
         need_dBi = need_w or need_B or need_we or need_Be
-        A_i, B_i = _mixed(p)
+        A_i, B_i = adapters(p)
         x = p.x.contiguous()
         dy = dy.to(x.dtype).contiguous()
         cu = p.cu_seqlens  # contiguous int64 (Problem)
@@ -149,7 +142,7 @@ class CudaBackend:
             stream = torch.cuda.current_stream(x.device).cuda_stream
             g = _project_down(dy, B_i.transpose(1, 2), cu, s, p.scale, stream) if need_x or need_dAi else None
             dx = _project_up(g, A_i.transpose(1, 2), cu, None, x.dtype, s, 1.0, stream) if need_x else None
-            # mix_adjoint reads dA_i only when need_dAi and dB_i only when need_dBi.
+            # param_grads reads dA_i only when need_dAi and dB_i only when need_dBi.
             dA_i = _segment_outer(x, g, cu, s, 1.0, stream) if need_dAi else torch.zeros_like(A_i)
             if need_dBi:
                 if h is None:
@@ -157,11 +150,7 @@ class CudaBackend:
                 dB_i = _segment_outer(dy, h.contiguous(), cu, s, p.scale, stream).transpose(1, 2)
             else:
                 dB_i = torch.zeros_like(B_i)
-        grads = mix_adjoint(
-            s, dA_i, dB_i, p.weights, p.lora_A, p.lora_B, p.task_ids, p.excl_weights, p.excl_A, p.excl_B,
-            needs[1:],
-        )
-        return (dx,) + grads
+        return (dx,) + param_grads(p, dA_i, dB_i, needs)
 
 
 register_backend(CudaBackend())

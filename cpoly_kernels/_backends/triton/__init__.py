@@ -4,8 +4,8 @@ Design
 ------
 Parameter space (small, once per example, PyTorch, float32):
   A_i `[b, d_in, r]` and B_i `[b, r, d_out]` are mixed from the banks by
-  `reference.mix_adapters`; the bank and weight gradients come from the
-  per-example dA_i, dB_i through `reference.mix_adjoint` (a one-hot matmul:
+  `mixing.adapters`; the bank and weight gradients come from the
+  per-example dA_i, dB_i through `mixing.param_grads` (a one-hot matmul:
   deterministic, no scatter-add).  These tensors are parameter-sized
   (b (d_in + d_out) r floats), never token-sized.
 

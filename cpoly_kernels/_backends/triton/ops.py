@@ -15,7 +15,7 @@ import triton
 from torch import Tensor
 
 from ..._inputs import Problem, Sizes
-from ...reference import mix_adapters, mix_adjoint
+from ..mixing import adapters, param_grads
 from . import kernels
 from .config import SUM_BLOCK, Blocks, choose_blocks, dot_precision
 
@@ -83,14 +83,6 @@ def tile_map(cu_seqlens: Tensor, sizes: Sizes, bm: int) -> TileMap:
     )
 
 
-def _adapters(p: Problem) -> tuple[Tensor, Tensor]:
-    """A_i `[b, d_in, r]`, B_i `[b, r, d_out]`, float32 contiguous: built once per example."""
-    A_i, B_i = mix_adapters(
-        p.sizes, p.weights, p.lora_A, p.lora_B, p.task_ids, p.excl_weights, p.excl_A, p.excl_B, torch.float32
-    )
-    return A_i.contiguous(), B_i.contiguous()
-
-
 def _launch_forward(p: Problem, A_i: Tensor, B_i: Tensor, tm: TileMap, blk: Blocks,
                     out: Optional[Tensor], h: Optional[Tensor]) -> None:
     """out (when given) = base + scale * (x A_i) B_i and h (when given) = x A_i, per tile.
@@ -119,7 +111,7 @@ def forward(p: Problem, save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
     if s.N == 0:
         return out, h
     blk = choose_blocks(s, p.dtype)
-    A_i, B_i = _adapters(p)
+    A_i, B_i = adapters(p)
     _launch_forward(p, A_i, B_i, tile_map(p.cu_seqlens, s, blk.BM), blk, out, h)
     return out, h
 
@@ -139,7 +131,7 @@ def backward(p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool])
     if launch:
         blk = choose_blocks(s, p.dtype)
         tm = tile_map(p.cu_seqlens, s, blk.BM)
-        A_i, B_i = _adapters(p)
+        A_i, B_i = adapters(p)
         if need_dB and h is None:
             h = torch.empty(s.N, s.r, dtype=torch.float32, device=p.device)
             _launch_forward(p, A_i, B_i, tm, blk, None, h)
@@ -170,7 +162,4 @@ def backward(p: Problem, dy: Tensor, h: Optional[Tensor], needs: Sequence[bool])
     unused = torch.zeros((), dtype=torch.float32, device=p.device)
     dA_i = per_example[:, :a_width].view(s.b, s.d_in, s.r) if need_dA else unused.expand(s.b, s.d_in, s.r)
     dB_i = per_example[:, a_width:].view(s.b, s.r, s.d_out) if need_dB else unused.expand(s.b, s.r, s.d_out)
-    params = mix_adjoint(
-        s, dA_i, dB_i, p.weights, p.lora_A, p.lora_B, p.task_ids, p.excl_weights, p.excl_A, p.excl_B, needs[1:]
-    )
-    return (dx,) + params
+    return (dx,) + param_grads(p, dA_i, dB_i, needs)
