@@ -2,13 +2,17 @@
 
 `make_case(...)` returns the keyword arguments of `cpoly_lora` (x, weights,
 lora_A, lora_B and the keyword-only ones) filled with random, non-zero
-values.  `GRAD_NAMES` lists the differentiable arguments.
+values.  `GRAD_NAMES` lists the differentiable arguments; `baseline_in_dtype` is the
+same-precision baseline the kernel tests measure their error against.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+
+from cpoly_kernels._inputs import check_inputs
+from cpoly_kernels.reference import mix_adapters
 
 GRAD_NAMES = ("x", "weights", "lora_A", "lora_B", "excl_weights", "excl_A", "excl_B", "base")
 
@@ -105,3 +109,22 @@ def run(fn, case: dict, dy: Optional[torch.Tensor] = None, **extra):
         got = torch.autograd.grad(out, [case[n] for n in leaves], dy, allow_unused=True)
         grads = dict(zip(leaves, got))
     return out, grads
+
+
+def baseline_in_dtype(x, weights, lora_A, lora_B, *, task_ids=None, excl_weights=None, excl_A=None,
+                   excl_B=None, scale=None, cu_seqlens=None, base=None):
+    """The op in plain PyTorch in x's dtype (no fp32 upcast): the same-precision baseline."""
+    sizes = check_inputs(x, weights, lora_A, lora_B, task_ids=task_ids, excl_weights=excl_weights,
+                         excl_A=excl_A, excl_B=excl_B, scale=scale, cu_seqlens=cu_seqlens, base=base)
+    A_i, B_i = mix_adapters(sizes, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, x.dtype)
+    rows = x.reshape(sizes.N, sizes.d_in)
+    if cu_seqlens is None:
+        bounds = [i * sizes.L for i in range(sizes.b + 1)]
+    else:
+        bounds = cu_seqlens.tolist()
+    s = 1.0 / sizes.r if scale is None else scale
+    pieces = [(rows[bounds[i]:bounds[i + 1]] @ A_i[i]) @ B_i[i] * s for i in range(sizes.b)]
+    out = torch.cat(pieces) if pieces else rows.new_zeros(0, sizes.d_out)
+    if base is not None:
+        out = base.reshape(sizes.N, sizes.d_out) + out
+    return out.reshape(sizes.out_shape)

@@ -28,8 +28,9 @@ import torch
 import cpoly_kernels as ck
 from cpoly_kernels import reference
 from cpoly_kernels._dispatch import get_backend, resolve_backend
-from cpoly_kernels._inputs import Sizes, check_inputs, make_problem
+from cpoly_kernels._inputs import Sizes, make_problem
 from cpoly_kernels._backends import cuda as cuda_backend
+from problems import baseline_in_dtype
 
 C = cuda_backend._C
 BACKEND = get_backend("cuda")
@@ -304,21 +305,6 @@ def make_inputs(variant, layout, dtype, d_in, d_out, r, *, base=False, seed=0, d
 GRAD_NAMES = ("x", "weights", "lora_A", "lora_B", "excl_weights", "excl_A", "excl_B")
 
 
-def eager(x, weights, lora_A, lora_B, *, task_ids=None, excl_weights=None, excl_A=None, excl_B=None,
-          scale=None, cu_seqlens=None, base=None):
-    """The op in plain PyTorch in the input dtype: the error baseline."""
-    s = check_inputs(x, weights, lora_A, lora_B, task_ids=task_ids, excl_weights=excl_weights,
-                     excl_A=excl_A, excl_B=excl_B, cu_seqlens=cu_seqlens, base=base)
-    A_i, B_i = reference.mix_adapters(s, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, x.dtype)
-    rows = x.reshape(s.N, s.d_in)
-    bounds = cu_seqlens.tolist() if cu_seqlens is not None else [i * s.L for i in range(s.b + 1)]
-    pieces = [(rows[bounds[i]:bounds[i + 1]] @ A_i[i]) @ B_i[i] * scale for i in range(s.b)]
-    out = torch.cat(pieces) if pieces else rows.new_zeros(0, s.d_out)
-    if base is not None:
-        out = out + base.reshape(s.N, s.d_out)
-    return out.reshape(s.out_shape)
-
-
 def _with_grads(kw, dtype=None):
     """A copy of kw whose float tensors are fresh leaves (cast to dtype) requiring grad."""
     out = {}
@@ -367,7 +353,7 @@ def check_parity(kw, dy_fn=None):
     ref = reference.cpoly_lora(**ref_in)
     ref.backward(dy.double())
     plain_in = _with_grads(kw)
-    plain = eager(**plain_in)
+    plain = baseline_in_dtype(**plain_in)
     plain.backward(dy)
 
     assert out.dtype == kw["x"].dtype and out.shape == ref.shape

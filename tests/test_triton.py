@@ -32,8 +32,7 @@ import torch
 import cpoly_kernels as ck
 from cpoly_kernels._inputs import check_inputs, make_problem
 from cpoly_kernels._backends.triton import TritonBackend  # registers backend "triton"
-from cpoly_kernels.reference import mix_adapters
-from problems import GRAD_NAMES, make_case, run
+from problems import GRAD_NAMES, baseline_in_dtype, make_case, run
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -56,25 +55,6 @@ def _triton_mode(monkeypatch):
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(deterministic)
-
-
-def torch_baseline(x, weights, lora_A, lora_B, *, task_ids=None, excl_weights=None, excl_A=None,
-                   excl_B=None, scale=None, cu_seqlens=None, base=None):
-    """The op in plain PyTorch in x's dtype (no fp32 upcast): the same-precision baseline."""
-    sizes = check_inputs(x, weights, lora_A, lora_B, task_ids=task_ids, excl_weights=excl_weights,
-                         excl_A=excl_A, excl_B=excl_B, scale=scale, cu_seqlens=cu_seqlens, base=base)
-    A_i, B_i = mix_adapters(sizes, weights, lora_A, lora_B, task_ids, excl_weights, excl_A, excl_B, x.dtype)
-    rows = x.reshape(sizes.N, sizes.d_in)
-    if cu_seqlens is None:
-        bounds = [i * sizes.L for i in range(sizes.b + 1)]
-    else:
-        bounds = cu_seqlens.tolist()
-    s = 1.0 / sizes.r if scale is None else scale
-    pieces = [(rows[bounds[i]:bounds[i + 1]] @ A_i[i]) @ B_i[i] * s for i in range(sizes.b)]
-    out = torch.cat(pieces) if pieces else rows.new_zeros(0, sizes.d_out)
-    if base is not None:
-        out = base.reshape(sizes.N, sizes.d_out) + out
-    return out.reshape(sizes.out_shape)
 
 
 def _as(case, dtype):
@@ -115,7 +95,7 @@ def check_parity(case, dy=None, dy_fn=None):
     if dy_fn is not None:
         dy = dy_fn(dy)
     out_ref, g_ref = run(ck.reference.cpoly_lora, ref_case, dy)
-    out_base, g_base = run(torch_baseline, base_case, dy.to(dtype))
+    out_base, g_base = run(baseline_in_dtype, base_case, dy.to(dtype))
     out, g = run(ck.cpoly_lora, case, dy.to(dtype), backend="triton")
     assert_close_to_fp64("output", out, out_base, out_ref)
     assert set(g) == set(g_ref)
