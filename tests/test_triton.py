@@ -324,3 +324,27 @@ def test_cuda_graph_capture_and_no_sync():
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     for k in want_grads:
         torch.testing.assert_close(grads[k], want_grads[k], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_int64_offsets():
+    """N * d_out > 2**31 elements (OP_SPEC §4: int32 offsets overflow there): the
+    last rows of the output and of dx must still be right."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs a GPU with 24 GiB of memory")
+    N, d_in, d_out, r = 33_000, 8, 65_537, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, d_in, generator=gen).to("cuda", torch.float16).requires_grad_(True)
+    A = torch.randn(1, 1, d_in, r, generator=gen).to("cuda", torch.float16)
+    B = torch.randn(1, 1, r, d_out, generator=gen).to("cuda", torch.float16)
+    w = torch.ones(2, 1, 1, device="cuda", dtype=torch.float16)
+    cu = torch.tensor([0, N - 3, N], device="cuda")
+    out = ck.cpoly_lora(x, w, A, B, cu_seqlens=cu, backend="triton")
+    dy = torch.zeros_like(out)
+    dy[-3:] = torch.randn(3, d_out, generator=gen).to("cuda", torch.float16)
+    (dx,) = torch.autograd.grad(out, [x], dy)
+    tail_x = x[-3:].detach().requires_grad_(True)
+    tail = ck.reference.cpoly_lora(tail_x, w[1:], A, B, cu_seqlens=torch.tensor([0, 3], device="cuda"))
+    (tail_dx,) = torch.autograd.grad(tail, [tail_x], dy[-3:])
+    torch.testing.assert_close(out[-3:], tail, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(dx[-3:], tail_dx, rtol=2e-3, atol=2e-3)
