@@ -130,6 +130,15 @@ def _backward(ctx, dout, _dh):
 cpoly_lora_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "cpoly_lora: double backward (create_graph=True through its gradients) is not supported"
+    )
+
+
+cpoly_lora_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _autocast(tensors: dict, device_type: str) -> dict:
     """Under autocast, floating inputs take the autocast dtype (as PEFT's einsum/bmm would)."""
     if not torch.is_autocast_enabled(device_type):

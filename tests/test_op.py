@@ -154,3 +154,11 @@ def test_empty_inputs(spec):
         assert g.shape == case[name].shape
         if name != "x" and name != "base":
             assert torch.count_nonzero(g) == 0, name
+
+
+def test_double_backward_says_it_is_unsupported():
+    case = make_case(S=2, E=1, requires_grad=True)
+    args, kwargs = split_args(case)
+    (gx,) = torch.autograd.grad(ck.cpoly_lora(*args, **kwargs).sum(), [case["x"]], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gx.sum().backward()
