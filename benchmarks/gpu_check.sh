@@ -37,16 +37,17 @@ step() {
     if (( t < 10 )); then say "== $name: SKIPPED (only $(left) s of the budget left)"; STATUS=124; return; fi
     say "== $name (timeout ${t} s)"
     local t0=$(date +%s)
-    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG"
+    # SIGINT first: the benchmark then writes what it measured; SIGKILL 10 s later.
+    timeout -s INT -k 10 "$t" "$@" 2>&1 | tee -a "$LOG"
     STATUS=${PIPESTATUS[0]}
     say "== $name: exit $STATUS in $(( $(date +%s) - t0 )) s$([ "$STATUS" = 124 ] && echo ' (TIMED OUT)')"
 }
 
-step "versions" 30 400 bash -c '
+step "versions" 60 400 bash -c '
+    nvidia-smi
     '"$PY"' -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name(0))"
     for m in triton peft transformers pytest pybind11; do '"$PY"' -c "import $m; print(\"$m\", $m.__version__)" || echo "$m: not importable"; done
-    nvcc --version | tail -n 2; cmake --version | head -n 1; echo "ninja $(ninja --version)"
-    nvidia-smi'
+    nvcc --version | tail -n 2; cmake --version | head -n 1; echo "ninja $(ninja --version)"'
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     say "WARNING: torch sees no GPU: the tests skip their GPU parts and the benchmark runs tiny CPU shapes"
@@ -70,7 +71,7 @@ TESTS=$STATUS
 CASES=d4096,d4096-mhr8,d4096-many-short,d4096-r64,t5l-paper-gathered,t5l-paper-dense,glm10b-qkv-paper,mlp-up,superni-1600,decode-serving
 BENCH_S=$(( $(left) - 10 ))
 step "benchmark (OP_SPEC §5 shapes)" "$BENCH_S" 5 "$PY" -m benchmarks.run --cases "$CASES" --compile none \
-    --warmup-ms 5 --rep-ms 25 --time-budget $(( BENCH_S - 25 > 10 ? BENCH_S - 25 : 10 )) --out "$OUT_DIR"
+    --warmup-ms 5 --rep-ms 25 --time-budget $(( BENCH_S - 60 > 10 ? BENCH_S - 60 : 10 )) --out "$OUT_DIR"
 BENCH=$STATUS
 
 say "== summary: build exit $BUILD, tests exit $TESTS, benchmark exit $BENCH, $(( $(date +%s) - START )) s; results in $OUT_DIR"

@@ -52,7 +52,10 @@ def build(case: Case, sets: list[Inputs], names: list[str], backend_info: dict) 
     impls = []
     for name in names:
         if name in ANCHORS:
-            impls.append(_anchor(name, case, sets))
+            try:
+                impls.append(_anchor(name, case, sets))
+            except Exception as e:  # noqa: BLE001  (an anchor that cannot be built must not cost the case)
+                impls.append(Impl(name, "anchor", skip=f"could not be built: {type(e).__name__}: {e}"))
         else:
             info = backend_info.get(name, {"available": False, "reason": "unknown backend"})
             impls.append(_backend(name, sets) if info["available"] else Impl(name, "backend", skip=info["reason"]))

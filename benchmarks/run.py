@@ -55,9 +55,10 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--compile", choices=("listed", "all", "none"), default="listed",
                    help="torch.compile anchor: on the cases that list it (d4096, t5l-paper-dense), all, none")
     p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: each case's own)")
-    p.add_argument("--graphs", choices=("auto", "off"), default="auto",
+    p.add_argument("--graphs", choices=("auto", "all", "off"), default="auto",
                    help=f"auto: on CUDA, also time under CUDA-graph replay when the forward floor < "
-                        f"{GRAPH_FLOOR_MS * 1e3:.0f} us")
+                        f"{GRAPH_FLOOR_MS * 1e3:.0f} us (OP_SPEC); all: every case (host overhead out of "
+                        f"every timing)")
     p.add_argument("--warmup-ms", type=float, help="warm-up per measurement (default 10 on GPU, 5 on CPU)")
     p.add_argument("--rep-ms", type=float, help="time per measurement (default 40 on GPU, 25 on CPU)")
     p.add_argument("--time-budget", type=float,
@@ -159,40 +160,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         modes = [m for m in c.modes if only_modes is None or m in only_modes]
         names = impls_mod.planned(c, backend_names, anchor_names, args.compile)
         fwd_floor = floor_ms(floor_bytes(_floor_shape(c, dt), "fwd"), copy_bps)
-        graphs = gpu and args.graphs == "auto" and fwd_floor < GRAPH_FLOOR_MS
+        graphs = gpu and (args.graphs == "all" or (args.graphs == "auto" and fwd_floor < GRAPH_FLOOR_MS))
         plan.append((c, dt, names, modes, graphs))
     total = sum(len(n) * len(m) * (2 if g else 1) for _, _, n, m, g in plan)
 
     rows: list[Row] = []
     case_lines: dict[str, str] = {}
     bar = progress(total, "bench")
-    for case, dt, names, modes, graphs in plan:
-        shape = _floor_shape(case, dt)
-        floors = {m: (floor_bytes(shape, m), floor_ms(floor_bytes(shape, m), copy_bps)) for m in MODES}
-        case_lines[case.name] = (
-            f"{case.describe()} {str(dt).replace('torch.', '')}; floor fwd {floors['fwd'][1]:.4f} ms, "
-            f"fwd+bwd {floors['fwdbwd'][1]:.4f} ms"
-        )
-        timings = ["median", "graph"] if graphs else ["median"]
-        planned_rows = [
-            Row(case=case.name, mode=mode, timing=how, impl=name, dtype=str(dt).replace("torch.", ""),
-                kind="backend" if name in backend_names else "anchor",
-                floor_bytes=floors[mode][0], floor_ms=floors[mode][1])
-            for name in names for mode in modes for how in timings
-        ]
-        rows.extend(planned_rows)
-        if deadline is not None and time.monotonic() > deadline:
-            _mark(planned_rows, "skipped", "time budget spent", bar)
-            continue
-        try:
-            _run_case(case, dt, names, planned_rows, backend_info, device, args.seed, warmup_ms, rep_ms,
-                      deadline, bar, case_lines)
-        except Exception as e:  # noqa: BLE001  (e.g. out of memory while building the inputs)
-            bar.write(f"{case.name}: {traceback.format_exc()}")
-            _mark([r for r in planned_rows if r.status == "pending"], "error", _err_line(e), bar)
-        gc.collect()  # the case's inputs, impls and compiled graphs go before the next case
-        if gpu:
-            torch.cuda.empty_cache()
+    try:
+        _run_plan(plan, rows, case_lines, copy_bps, backend_names, backend_info, device, args.seed,
+                  warmup_ms, rep_ms, deadline, bar, gpu)
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: keep what was measured
+        bar.write("interrupted: writing what was measured so far")
+        _mark([r for r in rows if r.status == "pending"], "skipped", "interrupted", bar)
+    bar.close()
+
     bar.close()
 
     derive(rows)
@@ -217,6 +199,44 @@ def main(argv: Optional[list[str]] = None) -> int:
     errors = [r for r in rows if r.status == "error"]
     print(f"wrote {', '.join(paths)} in {time.monotonic() - started:.0f} s; {len(errors)} error(s)")
     return 1 if any(r.kind == "backend" for r in errors) else 0
+
+
+def _run_plan(plan, rows: list[Row], case_lines: dict, copy_bps: float, backend_names: list[str],
+              backend_info: dict, device: torch.device, seed: int, warmup_ms: float, rep_ms: float,
+              deadline: Optional[float], bar, gpu: bool) -> None:
+    """Measure every planned case, appending its rows as it goes (so an interruption keeps them)."""
+    for case, dt, names, modes, graphs in plan:
+        shape = _floor_shape(case, dt)
+        floors = {m: (floor_bytes(shape, m), floor_ms(floor_bytes(shape, m), copy_bps)) for m in MODES}
+        case_lines[case.name] = (
+            f"{case.describe()} {str(dt).replace('torch.', '')}; floor fwd {floors['fwd'][1]:.4f} ms, "
+            f"fwd+bwd {floors['fwdbwd'][1]:.4f} ms"
+        )
+        timings = ["median", "graph"] if graphs else ["median"]
+        planned_rows = [
+            Row(case=case.name, mode=mode, timing=how, impl=name, dtype=str(dt).replace("torch.", ""),
+                kind="backend" if name in backend_names else "anchor",
+                floor_bytes=floors[mode][0], floor_ms=floors[mode][1])
+            for name in names for mode in modes for how in timings
+        ]
+        rows.extend(planned_rows)
+        if deadline is not None and time.monotonic() > deadline:
+            _mark(planned_rows, "skipped", "time budget spent", bar)
+            continue
+        try:
+            _run_case(case, dt, names, planned_rows, backend_info, device, seed, warmup_ms, rep_ms,
+                      deadline, bar, case_lines)
+        except Exception as e:  # noqa: BLE001  (e.g. out of memory while building the inputs)
+            bar.write(f"{case.name}: {traceback.format_exc()}")
+            _mark([r for r in planned_rows if r.status == "pending"], "error", _err_line(e), bar)
+        gc.collect()  # the case's inputs, impls and compiled graphs go before the next case
+        if gpu:
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError as e:  # a sticky CUDA error (e.g. a faulting kernel): nothing more can run
+                bar.write(f"CUDA is unusable after {case.name}: {_err_line(e)}")
+                _mark([r for r in rows if r.status == "pending"], "skipped", "CUDA error in an earlier case", bar)
+                return
 
 
 def _mark(rows: list[Row], status: str, note: str, bar) -> None:

@@ -9,6 +9,8 @@ flushes, CUDA graphs, floors and speedups in one table.
 import pytest
 import torch
 
+pytest.importorskip("pytest_benchmark", reason="needs pytest-benchmark (the test extra)")
+
 import cpoly_kernels as ck
 
 from benchmarks import impls as impls_mod

@@ -118,6 +118,7 @@ def copy_bandwidth(device: torch.device, warmup_ms: float, rep_ms: float) -> flo
     nbytes = (512 << 20) if device.type == "cuda" else (32 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, warmup_ms, rep_ms)
+    # A long warm-up: a cold GPU (clocks ramping up) would read low and inflate every floor.
+    ms = median_ms(lambda: dst.copy_(src), device, max(warmup_ms, 100.0), rep_ms)
     del src, dst
     return 2 * nbytes / (ms / 1e3)
