@@ -9,13 +9,15 @@
 #    pip install --no-build-isolation --no-deps -e .); on failure it says so and
 #    goes on with Triton (the tree is on PYTHONPATH);
 # 3. the parity tests on the GPU: python -m pytest tests/ -q --maxfail=25 (a broken backend does not hide the other);
+#    then compute-sanitizer memcheck and racecheck over benchmarks/sanitize_cuda.py (CUDA backend);
 # 4. the benchmark CLI on the OP_SPEC §5 shapes (no torch.compile anchor, short
 #    repetitions, a time budget), which prints one table and writes bench.json,
 #    bench.csv, table.txt and bench.png to OUT_DIR.
 # Every step runs under `timeout`; the whole script stays under
 # CPOLY_CHECK_BUDGET_S seconds (default 450, i.e. < 8 minutes on an H100).
 # Logs: OUT_DIR/check.log (everything but the build) and build.log.  Exit status:
-# 0 when the tests and the benchmark passed, 1 otherwise (the build may fail).
+# 0 when the tests, the sanitizers (where found) and the benchmark passed, 1
+# otherwise (the build may fail).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/out/gpu_check}
@@ -65,8 +67,22 @@ if [ "$BUILD" != 0 ]; then
 fi
 step "backends" 30 200 "$PY" -c "import cpoly_kernels as ck; print(ck.backends())"
 
-step "parity tests on the GPU" 220 120 "$PY" -m pytest tests/ -q --maxfail=25 -p no:cacheprovider
+step "parity tests on the GPU" 220 210 "$PY" -m pytest tests/ -q --maxfail=25 -p no:cacheprovider
 TESTS=$STATUS
+
+# compute-sanitizer over a subset of CUDA-backend calls (benchmarks/sanitize_cuda.py), our kernels only.
+SAN=$(command -v compute-sanitizer || { [ -x /usr/local/cuda/bin/compute-sanitizer ] && echo /usr/local/cuda/bin/compute-sanitizer; } || true)
+MEMCHECK=skipped RACECHECK=skipped
+if [ -n "$SAN" ]; then
+    step "compute-sanitizer memcheck (CUDA backend)" 75 130 "$SAN" --tool memcheck --kernel-name kns=cpoly \
+        --error-exitcode 1 "$PY" -m benchmarks.sanitize_cuda
+    MEMCHECK=$STATUS
+    step "compute-sanitizer racecheck (CUDA backend)" 45 90 "$SAN" --tool racecheck --kernel-name kns=cpoly \
+        --error-exitcode 1 "$PY" -m benchmarks.sanitize_cuda
+    RACECHECK=$STATUS
+else
+    say "== compute-sanitizer not found: memcheck and racecheck skipped"
+fi
 
 CASES=d4096,d4096-mhr8,d4096-many-short,d4096-r64,t5l-paper-gathered,t5l-paper-dense,glm10b-qkv-paper,mlp-up,superni-1600,decode-serving
 BENCH_S=$(( $(left) - 10 ))
@@ -74,5 +90,5 @@ step "benchmark (OP_SPEC §5 shapes)" "$BENCH_S" 5 "$PY" -m benchmarks.run --cas
     --warmup-ms 5 --rep-ms 25 --time-budget $(( BENCH_S - 60 > 10 ? BENCH_S - 60 : 10 )) --out "$OUT_DIR"
 BENCH=$STATUS
 
-say "== summary: build exit $BUILD, tests exit $TESTS, benchmark exit $BENCH, $(( $(date +%s) - START )) s; results in $OUT_DIR"
-[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ]
+say "== summary: build exit $BUILD, tests exit $TESTS, memcheck $MEMCHECK, racecheck $RACECHECK, benchmark exit $BENCH, $(( $(date +%s) - START )) s; results in $OUT_DIR"
+[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ] && [ "$MEMCHECK" != 1 ] && [ "$RACECHECK" != 1 ]
